@@ -1424,17 +1424,20 @@ def error_response(error: MkatError, **headers: str) -> bottle.HTTPResponse:
     return json_response(error_body(error), STATUS_OF_CODE[error.code], **headers)
 
 
-def read_body_bytes() -> bytes:
-    """The raw request body; 413 beyond MAX_BODY_BYTES."""
+def body_length() -> int:
+    """The request body's length (waitress sets it for chunked bodies too); 413 beyond the limit."""
     try:
         length = int(request.environ.get("CONTENT_LENGTH") or 0)
     except ValueError:
         length = 0
     if length > MAX_BODY_BYTES:
         raise MkatError("PAYLOAD_TOO_LARGE", f"The body is over {MAX_BODY_BYTES} bytes")
-    if length <= 0:
-        return b""
-    return request.environ["wsgi.input"].read(length)
+    return max(0, length)
+
+
+def read_body_bytes() -> bytes:
+    length = body_length()
+    return request.environ["wsgi.input"].read(length) if length else b""
 
 
 def _refuse_constant(name: str) -> Any:
@@ -1648,17 +1651,14 @@ def check_auth(ctx: Context) -> str:
 
 
 def public_base_url(ctx: Context) -> str:
-    """The URL others reach mkat at: MKAT_PUBLIC_URL, else the request's own (proxy-aware)."""
+    """The URL others reach mkat at: MKAT_PUBLIC_URL, else the request's own.
+
+    bottle's urlparts reads X-Forwarded-Proto/Host; waitress removes those headers unless
+    MKAT_TRUST_PROXY=1 (see proxy_settings), so only a trusted proxy can set them.
+    """
     if ctx.config.public_url:
         return ctx.config.public_url
-    env = request.environ
-    scheme, host = env.get("wsgi.url_scheme", "http"), env.get("HTTP_HOST")
-    if ctx.config.trust_proxy:
-        scheme = env.get("HTTP_X_FORWARDED_PROTO", scheme).split(",")[0].strip()
-        host = env.get("HTTP_X_FORWARDED_HOST", host or "").split(",")[0].strip() or host
-    if not host:
-        host = f"{env.get('SERVER_NAME', 'localhost')}:{env.get('SERVER_PORT', ctx.config.port)}"
-    return f"{scheme}://{host}{env.get('SCRIPT_NAME', '').rstrip('/')}"
+    return request.urlparts.scheme + "://" + request.urlparts.netloc + request.script_name.rstrip("/")
 
 
 def error_page(error: bottle.HTTPError) -> bottle.HTTPResponse:
@@ -1690,6 +1690,7 @@ class ApiPlugin:
 
         def wrapper(**url_args: Any) -> Any:
             try:
+                body_length()
                 if needs_auth:
                     check_auth(ctx)
                 result = callback(ctx, **url_args)
@@ -2029,19 +2030,16 @@ def api_acknowledge_alert(ctx: Context, alert_id: str) -> dict[str, Any]:
 
 
 def push_webhook_fail(ctx: Context, token: str) -> dict[str, Any]:
-    read_body_bytes()  # refuse oversized bodies like every route; the content is not used
     result = ctx.db.write(record_webhook, ctx.clock(), token, True)
     return {"received": True, "alertCreated": result.alert_id is not None}
 
 
 def push_webhook_recover(ctx: Context, token: str) -> dict[str, Any]:
-    read_body_bytes()
     result = ctx.db.write(record_webhook, ctx.clock(), token, False)
     return {"received": True, "alertCreated": result.alert_id is not None}
 
 
 def push_heartbeat(ctx: Context, token: str) -> dict[str, Any]:
-    read_body_bytes()
     result = ctx.db.write(record_heartbeat, ctx.clock(), token)
     return {
         "received": True,
@@ -2140,6 +2138,21 @@ def build_app(ctx: Context) -> Callable:
     return wrap_wsgi(app, ctx.config.base_path)
 
 
+def proxy_settings(config: Config) -> dict[str, Any]:
+    """waitress applies X-Forwarded-* only when told to trust the proxy (and drops them otherwise)."""
+    if not config.trust_proxy:
+        return {}
+    return {
+        "trusted_proxy": "*",
+        "trusted_proxy_headers": {
+            "x-forwarded-proto",
+            "x-forwarded-host",
+            "x-forwarded-port",
+            "x-forwarded-for",
+        },
+    }
+
+
 class HttpServer:
     """waitress on a listening socket, run in short slices so a stop is noticed quickly."""
 
@@ -2154,6 +2167,7 @@ class HttpServer:
             # waitress buffers a whole body before the app sees it; the app refuses anything
             # over 64 KiB with a JSON 413, this only bounds what a client can make us store.
             max_request_body_size=1024 * 1024,
+            **proxy_settings(ctx.config),
         )
 
     @property
