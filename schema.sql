@@ -60,8 +60,8 @@ CREATE TABLE IF NOT EXISTS monitors (
     created_at          REAL NOT NULL
 ) STRICT;
 
--- A service's monitors (service pages, state derivation).
-CREATE INDEX IF NOT EXISTS monitors_service ON monitors (service_id);
+-- A service's monitors (service pages); with state, derives the service state from the index alone.
+CREATE INDEX IF NOT EXISTS monitors_service ON monitors (service_id, state);
 -- job_check_deadlines: armed heartbeats whose deadline has passed, without scanning the rest.
 CREATE INDEX IF NOT EXISTS monitors_deadline ON monitors (deadline_at) WHERE deadline_at IS NOT NULL;
 
