@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 import requests
@@ -118,35 +119,60 @@ def run_wrk(url: str, script: Path, connections: int, duration: int) -> dict:
 
 
 def measure_detection(url: str, samples: int) -> list[float]:
-    """Seconds between each fast monitor's deadline and its MissedHeartbeat alert."""
+    """Seconds between each fast monitor's deadline and its MissedHeartbeat alert, sorted."""
     session = requests.Session()
     session.auth = AUTH
     deadlines = {}
+    fast = [{"type": "Heartbeat", "intervalSeconds": 1, "gracePeriodSeconds": 0}]
     for i in range(samples):
-        body = {"name": f"fast {i}", "monitors": [{"type": "Heartbeat", "intervalSeconds": 1, "gracePeriodSeconds": 0}]}
-        service = session.post(url + "/api/v1/services", json=body, timeout=30).json()
-        beat = session.post(f"{url}/heartbeat/{service['monitors'][0]['token']}", timeout=30).json()
-        deadlines[service["id"]] = beat["nextExpectedBefore"]
+        service = session.post(url + "/api/v1/services", json={"name": f"fast {i}", "monitors": fast}).json()
+        beat = session.post(f"{url}/heartbeat/{service['monitors'][0]['token']}").json()
+        deadlines[service["id"]] = instant(beat["nextExpectedBefore"])
         time.sleep(0.137)  # spread the deadlines over the scheduler's half-second tick
     lateness: dict[str, float] = {}
     give_up = time.monotonic() + 30
+    query = {"type": "MissedHeartbeat", "pageSize": 100}
     while len(lateness) < samples and time.monotonic() < give_up:
-        alerts = session.get(url + "/api/v1/alerts", params={"type": "MissedHeartbeat", "pageSize": 100}).json()
-        for alert in alerts["items"]:
+        for alert in session.get(url + "/api/v1/alerts", params=query).json()["items"]:
             if alert["serviceId"] in deadlines:
-                lateness[alert["serviceId"]] = instant(alert["createdAt"]) - instant(deadlines[alert["serviceId"]])
+                lateness[alert["serviceId"]] = instant(alert["createdAt"]) - deadlines[alert["serviceId"]]
         time.sleep(0.2)
     return sorted(lateness.values())
 
 
 def instant(text: str) -> float:
-    from datetime import datetime
-
     return datetime.fromisoformat(text).timestamp()
 
 
+def report_load(url: str, script: Path, pid: int, connection_counts: list[int], duration: int) -> None:
+    print(f"{'conns':>5} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} {'errors':>6} {'RSS MB':>7}")
+    for connections in connection_counts:
+        r = run_wrk(url, script, connections, duration)
+        rss, _ = rss_mb(pid)
+        p50, p99, worst = (r[key] / 1000 for key in ("p50_us", "p99_us", "max_us"))
+        rps, errors = r["rps"], r["errors"]
+        print(f"{connections:>5} {rps:>8.0f} {p50:>7.1f} {p99:>7.1f} {worst:>7.1f} {errors:>6} {rss:>7.1f}")
+    print(f"peak RSS: {rss_mb(pid)[1]:.1f} MB")
+
+
+def report_detection(url: str, script: Path, samples: int) -> None:
+    """Missed-heartbeat lateness while wrk keeps 8 connections busy."""
+    load = threading.Thread(target=run_wrk, args=(url, script, 8, 10))
+    load.start()
+    late = measure_detection(url, samples)
+    load.join()
+    if not late:
+        print("missed-heartbeat detection: no alert seen")
+        return
+    ms = [round(x * 1000) for x in late]
+    print(
+        f"missed-heartbeat detection under load ({len(late)}/{samples} seen): late by "
+        f"min {ms[0]} ms, median {ms[len(ms) // 2]} ms, max {ms[-1]} ms"
+    )
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--monitors", type=int, default=10_000)
     parser.add_argument("--connections", default="8,64", help="comma-separated connection counts")
     parser.add_argument("--duration", type=int, default=10, help="seconds per run")
@@ -164,33 +190,17 @@ def main() -> None:
             started = time.monotonic()
             tokens = create_monitors(url, args.monitors)
             print(f"created {len(tokens)} heartbeat monitors in {time.monotonic() - started:.1f} s")
-            headers = '{["Connection"] = "close"}' if args.close else "{}"
             script = folder / "heartbeat.lua"
-            script.write_text(LUA % {"tokens": ",".join(f'"{t}"' for t in tokens), "headers": headers, "seed": 42})
-            rss, _ = rss_mb(proc.pid)
-            print(f"RSS before load: {rss:.1f} MB")
-            print(f"{'conns':>5} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} {'errors':>6} {'RSS MB':>7} {'peak':>6}")
-            for connections in [int(c) for c in args.connections.split(",")]:
-                r = run_wrk(url, script, connections, args.duration)
-                rss, peak = rss_mb(proc.pid)
-                print(
-                    f"{connections:>5} {r['rps']:>8.0f} {r['p50_us'] / 1000:>7.1f} {r['p99_us'] / 1000:>7.1f} "
-                    f"{r['max_us'] / 1000:>7.1f} {r['errors']:>6} {rss:>7.1f} {peak:>6.1f}"
-                )
+            headers = '{["Connection"] = "close"}' if args.close else "{}"
+            quoted = ",".join(f'"{t}"' for t in tokens)
+            script.write_text(LUA % {"tokens": quoted, "headers": headers, "seed": 42})
+            print(f"RSS before load: {rss_mb(proc.pid)[0]:.1f} MB")
+            report_load(url, script, proc.pid, [int(c) for c in args.connections.split(",")], args.duration)
             if args.detection_samples:
-                load = threading.Thread(target=run_wrk, args=(url, script, 8, 10))
-                load.start()
-                late = measure_detection(url, args.detection_samples)
-                load.join()
-                if late:
-                    print(
-                        f"missed-heartbeat detection under load ({len(late)}/{args.detection_samples} seen): "
-                        f"late by min {min(late) * 1000:.0f} ms, median {late[len(late) // 2] * 1000:.0f} ms, "
-                        f"max {max(late) * 1000:.0f} ms"
-                    )
-                else:
-                    print("missed-heartbeat detection: no alert seen")
-            errors = [line for line in (folder / "mkat.log").read_text().splitlines() if "level=error" in line]
+                report_detection(url, script, args.detection_samples)
+            errors = [
+                line for line in (folder / "mkat.log").read_text().splitlines() if "level=error" in line
+            ]
             print(f"server errors logged: {len(errors)}" + (f" (first: {errors[0][:200]})" if errors else ""))
         finally:
             proc.send_signal(signal.SIGTERM)
