@@ -133,6 +133,7 @@ STATIC_DIR = HERE / "mkat_static"
 MAX_BODY_BYTES = 64 * 1024
 MAX_INTERVAL_SECONDS = 604_800  # one week
 MAX_MUTE_MINUTES = 43_200  # thirty days
+MAX_MONITORS_PER_SERVICE = 100
 DEFAULT_INTERVAL_SECONDS = 60
 TOKEN_PATTERN = re.compile(r"[0-9a-f]{32}")
 # How many due rows one worker pass handles per transaction, so pushes are never held up long.
@@ -1260,6 +1261,8 @@ def insert_new_monitor(c: Connection, now: float, service_id: str, spec: dict[st
 
 def add_monitor(c: Connection, now: float, service_id: str, spec: dict[str, Any]) -> str:
     service = get_service(c, service_id)
+    if count_monitors(c, service_id) >= MAX_MONITORS_PER_SERVICE:
+        raise invalid("monitors", f"a service has at most {MAX_MONITORS_PER_SERVICE} monitors")
     monitor_id = insert_new_monitor(c, now, service_id, spec)
     if service["paused_at"] is not None:
         disarm_monitors(c, service_id)
@@ -1959,8 +1962,8 @@ def from_api_new_service(ctx: Context, data: dict[str, Any]) -> tuple[dict[str, 
     specs = []
     if not isinstance(monitors, list) or not monitors:
         f.error("monitors", "must be a list with at least one monitor")
-    elif len(monitors) > 100:
-        f.error("monitors", "must have at most 100 monitors")
+    elif len(monitors) > MAX_MONITORS_PER_SERVICE:
+        f.error("monitors", f"must have at most {MAX_MONITORS_PER_SERVICE} monitors")
     else:
         for i, item in enumerate(monitors):
             if not isinstance(item, dict):

@@ -226,6 +226,18 @@ def test_it_adds_updates_and_deletes_monitors(api):
     assert len(api.service(service["id"])["monitors"]) == 1
 
 
+def test_it_caps_a_service_at_100_monitors(api):
+    too_many = api.post("/api/v1/services", json={"name": "big", "monitors": [{"type": 0}] * 101})
+    assert too_many.json()["details"] == {"monitors": ["must have at most 100 monitors"]}
+    service = api.create_service("big", [{"type": 0}] * 100)
+    one_more = api.post(f"/api/v1/services/{service['id']}/monitors", json={"type": 0})
+    assert (one_more.status_code, one_more.json()["details"]) == (
+        400,
+        {"monitors": ["a service has at most 100 monitors"]},
+    )
+    assert len(api.service(service["id"])["monitors"]) == 100
+
+
 def test_it_refuses_to_change_a_monitor_type(api):
     service = api.create_service("web")
     monitor = service["monitors"][0]
