@@ -33,6 +33,7 @@ Sections, each using only the ones above it:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import hmac
@@ -577,7 +578,8 @@ class Database:
         try:
             return fn(c, *args)
         finally:
-            c.execute("COMMIT")
+            if c.in_transaction:  # an error inside may already have ended it
+                c.execute("COMMIT")
 
     def _write_loop(self) -> None:
         c = self.connection()
@@ -597,15 +599,21 @@ class Database:
             return None
 
     def _commit(self, c: Connection, batch: list[WriteJob]) -> None:
-        """Run a batch in one transaction, each job in its own savepoint; then wake them all."""
+        """Run a batch in one transaction, each job in its own savepoint; then wake them all.
+
+        Never raises: the writer thread must outlive any error, or every later write would wait
+        forever.
+        """
         try:
             c.execute("BEGIN IMMEDIATE")
             for job in batch:
                 self._run(c, job)
             c.execute("COMMIT")
-        except BaseException as exc:  # the transaction is lost: so is every job's work in it
-            if c.in_transaction:
-                c.execute("ROLLBACK")
+        except Exception as exc:  # the transaction is lost: so is every job's work in it
+            LOG.exception("write_failed", extra={"fields": {"operations": len(batch)}})
+            with contextlib.suppress(sqlite3.Error):
+                if c.in_transaction:
+                    c.execute("ROLLBACK")
             for job in batch:
                 job.error, job.events = job.error or exc, []
         for job in batch:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
+import threading
 
 import pytest
 
 import mkat
+from conftest import wait_for
 from mkat import AlertType, MonitorType, State
 
 HEARTBEAT = {"type": MonitorType.HEARTBEAT, "interval_seconds": 60, "grace_seconds": 10}
@@ -330,3 +333,46 @@ def test_a_rolled_back_operation_publishes_nothing(ctx):
         ctx.db.write(fail_after_alert, ctx.clock())
     assert published == []
     assert alerts(ctx) == []
+
+
+def test_one_bad_operation_fails_alone_in_a_shared_commit(ctx):
+    _, [monitor] = create(ctx, "svc", WEBHOOK)
+    release = threading.Event()
+    results = []
+
+    def write(fn, *args):
+        try:
+            results.append(ctx.db.write(fn, *args))
+        except Exception as exc:
+            results.append(type(exc).__name__)
+
+    # Hold the writer, queue three operations behind it, then let them go as one batch
+    holder = threading.Thread(target=write, args=(lambda c: release.wait(5),))
+    holder.start()
+    wait_for(lambda: ctx.db._queue.qsize() == 0)
+    operations = [(monitor["token"], True), ("f" * 32, True), (monitor["token"], False)]
+    threads = [
+        threading.Thread(target=write, args=(mkat.record_webhook, ctx.clock(), token, failed))
+        for token, failed in operations
+    ]
+    for queued, thread in enumerate(threads, start=1):
+        thread.start()
+        wait_for(lambda n=queued: ctx.db._queue.qsize() == n)  # in this order
+    release.set()
+    for thread in [holder, *threads]:
+        thread.join()
+    # It should refuse the unknown token alone and keep the other two
+    assert results.count("MkatError") == 1
+    assert alerts(ctx) == [(AlertType.FAILURE, False), (AlertType.RECOVERY, False)]
+
+
+def test_the_writer_survives_an_operation_that_breaks_its_transaction(ctx, caplog):
+    def sabotage(c):
+        c.execute("ROLLBACK")  # ends the writer's transaction behind its back
+
+    with caplog.at_level(logging.ERROR, logger="mkat"), pytest.raises(sqlite3.OperationalError):
+        ctx.db.write(sabotage)
+    assert [r.getMessage() for r in caplog.records] == ["write_failed"]
+    # It should go on writing afterwards
+    service_id, _ = create(ctx, "after")
+    assert service(ctx, service_id)["name"] == "after"
