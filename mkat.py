@@ -545,8 +545,12 @@ class Database:
         self._connections: list[Connection] = []
         self._connections_lock = threading.Lock()
         first = self.connection()
-        first.execute("PRAGMA journal_mode = WAL")
-        self.migrated_from = migrate(first)
+        try:
+            first.execute("PRAGMA journal_mode = WAL")
+            self.migrated_from = migrate(first)
+        except BaseException:
+            first.close()
+            raise
         self._queue: queue.SimpleQueue[WriteJob | None] = queue.SimpleQueue()
         self._writer = threading.Thread(target=self._write_loop, name="mkat-writer", daemon=True)
         self._writer.start()
