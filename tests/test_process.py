@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -118,19 +119,47 @@ def test_it_starts_with_no_configuration_serves_and_stops_on_sigterm(started, tm
     assert again.stop(signal.SIGINT)[0] == 0
 
 
-def test_it_finishes_a_request_in_flight_when_stopped(started):
+def test_it_answers_the_requests_in_flight_when_stopped_and_keeps_them(started):
     mkat = started(MKAT_PASSWORD="pw")
     mkat.wait_until_healthy()
-    token = requests.post(
-        mkat.url + "/api/v1/services",
-        json={"name": "x", "monitors": [{"type": 0}]},
-        auth=("admin", "pw"),
-        timeout=5,
-    ).json()["monitors"][0]["token"]
-    session = requests.Session()
-    assert session.post(f"{mkat.url}/webhook/{token}/fail", timeout=5).status_code == 200
-    code, _ = mkat.stop()
-    assert code == 0
+    body = {"name": "busy", "monitors": [{"type": "Heartbeat", "intervalSeconds": 3600}]}
+    service = requests.post(mkat.url + "/api/v1/services", json=body, auth=("admin", "pw"), timeout=5).json()
+    url = f"{mkat.url}/heartbeat/{service['monitors'][0]['token']}"
+    answered, refused, wrong = [], [], []
+
+    def hammer():
+        session = requests.Session()
+        while True:
+            try:
+                response = session.post(url, timeout=5)
+            except requests.ConnectionError:
+                refused.append(1)
+                return
+            if response.status_code == 200 and response.json()["received"]:
+                answered.append(response.json())
+            else:
+                wrong.append(response.status_code)
+
+    clients = [threading.Thread(target=hammer) for _ in range(4)]
+    for client in clients:
+        client.start()
+    wait_for(lambda: len(answered) > 50)
+    code, seconds = mkat.stop()
+    for client in clients:
+        client.join(timeout=10)
+    # It should answer every request it took in whole, then refuse new ones, and exit 0 in time
+    assert (code, wrong, len(refused)) == (0, [], 4)
+    assert seconds < 5
+
+    again = started(MKAT_PASSWORD="pw")
+    again.wait_until_healthy()
+    shown = requests.get(
+        f"{again.url}/api/v1/services/{service['id']}", auth=("admin", "pw"), timeout=5
+    ).json()
+    # It should have kept the last heartbeat it confirmed
+    last_confirmed = max(a["nextExpectedBefore"] for a in answered)
+    assert shown["monitors"][0]["nextExpectedBefore"] >= last_confirmed
+    again.stop()
 
 
 def test_it_writes_json_logs_when_asked(started):
