@@ -77,14 +77,15 @@ CREATE TABLE IF NOT EXISTS alerts (
     created_at         REAL NOT NULL,
     acknowledged_at    REAL,
     acknowledged_by    TEXT,
-    dispatched_at      REAL,
+    dispatched_at      REAL,                    -- every channel has the alert
+    resolved_at        REAL,                    -- a down alert whose service came back up
     suppressed         INTEGER NOT NULL DEFAULT 0 CHECK (suppressed IN (0, 1)),
     suppression_reason TEXT
 ) STRICT;
 
 -- The alerts list, newest first.
 CREATE INDEX IF NOT EXISTS alerts_newest ON alerts (created_at);
--- A service's alerts, newest first (service page, serviceId filter).
+-- A service's alerts, newest first (service page, serviceId filter, the alert a recovery resolves).
 CREATE INDEX IF NOT EXISTS alerts_service ON alerts (service_id, created_at);
 
 -- One row per named recipient. Exactly one is the default, which new services get.
@@ -124,23 +125,29 @@ CREATE TABLE IF NOT EXISTS service_contacts (
 -- The services of a contact (contact deletion rules, serviceCount).
 CREATE INDEX IF NOT EXISTS service_contacts_contact ON service_contacts (contact_id);
 
--- One row per (alert, channel): the outbox the dispatcher works through. A row is pending until
--- it is sent (sent_at) or given up (failed_at); next_attempt_at says when to try again.
+-- The outbox: one row per message to send on one channel about one alert. kind 0 is the alert
+-- itself, 1 re-renders a Telegram card already sent (acknowledged, muted, resolved), 2 is the
+-- "still down" notice when a mute ends. A row is pending while next_attempt_at is set; it ends
+-- sent (sent_at) or given up (failed_at). The dispatcher claims due rows, sends, records.
 CREATE TABLE IF NOT EXISTS deliveries (
     id              INTEGER PRIMARY KEY,
     alert_id        TEXT NOT NULL REFERENCES alerts (id) ON DELETE CASCADE,
     channel_id      TEXT NOT NULL REFERENCES channels (id) ON DELETE CASCADE,
+    service_id      TEXT NOT NULL,              -- the alert's, so one service's messages keep their order
+    kind            INTEGER NOT NULL CHECK (kind BETWEEN 0 AND 2),
     attempts        INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at REAL,                       -- NULL once sent or given up
+    next_attempt_at REAL,
     sent_at         REAL,
     failed_at       REAL,
     last_error      TEXT,
-    external_id     TEXT,                       -- e.g. the Telegram message id, for later edits
-    created_at      REAL NOT NULL,
-    UNIQUE (alert_id, channel_id)
+    message_id      INTEGER,                    -- the Telegram message of a sent card, for edits
+    created_at      REAL NOT NULL
 ) STRICT;
 
 -- The dispatcher: pending deliveries in the order they fall due.
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (next_attempt_at) WHERE next_attempt_at IS NOT NULL;
--- An alert's deliveries (dispatchedAt, message edits).
-CREATE INDEX IF NOT EXISTS deliveries_alert ON deliveries (alert_id);
+-- An alert's deliveries on a channel (dispatchedAt, card edits, message lookups).
+CREATE INDEX IF NOT EXISTS deliveries_alert ON deliveries (alert_id, channel_id);
+-- Ordering: the oldest pending delivery of a service on a channel goes first.
+CREATE INDEX IF NOT EXISTS deliveries_pending_order ON deliveries (channel_id, service_id, id)
+    WHERE next_attempt_at IS NOT NULL;

@@ -141,3 +141,79 @@ def push(api: Api, path: str, method: str = "POST") -> requests.Response:
 
 def token_of(service: dict, kind: int = 0) -> str:
     return next(m["token"] for m in service["monitors"] if m["type"] == kind)
+
+
+# -- notifications ------------------------------------------------------------------
+
+CHAT = 4242  # the chat of MKAT_TELEGRAM_CHAT_ID in these tests
+
+
+@pytest.fixture
+def telegram():
+    from fakes import FakeTelegram
+
+    fake = FakeTelegram().start()
+    yield fake
+    fake.stop()
+
+
+class Running:
+    """mkat in-process with its workers; stop() ends it like SIGTERM would."""
+
+    def __init__(self, config: mkat.Config, clock: Any):
+        self.ctx = mkat.Context(config, clock)
+        base_url, self.server = start_server(self.ctx)
+        self.workers = mkat.start_workers(self.ctx)
+        self.api = Api(base_url, self.ctx)
+
+    def stop(self) -> None:
+        self.ctx.stop.set()
+        self.ctx.deliveries_pending.set()
+        for thread in [self.server, *self.workers]:
+            if thread.name != "mkat-telegram":  # it may sit in a long poll; it is a daemon
+                thread.join(timeout=5)
+                assert not thread.is_alive(), thread.name
+        self.ctx.db.close()
+
+
+@pytest.fixture
+def start_mkat(tmp_path, clock, telegram):
+    """Start mkat wired to the fake Bot API (and stop it at the end); call again to restart."""
+    running: list[Running] = []
+
+    def start(**overrides: Any) -> Running:
+        settings = {
+            "telegram_bot_token": telegram.token,
+            "telegram_api_url": telegram.url,
+            "telegram_chat_id": str(CHAT),
+            **overrides,
+        }
+        running.append(Running(make_config(tmp_path, **settings), clock))
+        return running[-1]
+
+    yield start
+    for mkat_run in running:
+        if not mkat_run.ctx.stop.is_set():
+            mkat_run.stop()
+
+
+@pytest.fixture
+def notifying(start_mkat) -> Api:
+    """A running mkat whose default contact reaches CHAT on the fake Bot API."""
+    return start_mkat().api
+
+
+def pending_deliveries(ctx: mkat.Context) -> int:
+    sql = "SELECT count(*) FROM deliveries WHERE next_attempt_at IS NOT NULL"
+    return ctx.db.read(lambda c: c.execute(sql).fetchone()[0])
+
+
+def settle(ctx: mkat.Context, timeout: float = 5.0) -> None:
+    """Wait until every queued delivery has an outcome written down."""
+    wait_for(lambda: pending_deliveries(ctx) == 0, timeout=timeout)
+
+
+def advance(ctx: mkat.Context, clock: FakeClock, seconds: float) -> None:
+    """Move the fake clock and ring the dispatcher, as time passing would."""
+    clock.advance(seconds)
+    ctx.deliveries_pending.set()

@@ -11,13 +11,33 @@ import mkat
 
 def test_a_fresh_database_gets_the_schema_at_the_current_version(tmp_path):
     db = mkat.Database(str(tmp_path / "fresh.db"))
-    c = db.connection()
     # It should record the version, use WAL and enforce foreign keys on every connection
     assert db.migrated_from == 0
-    assert c.execute("PRAGMA user_version").fetchone()[0] == mkat.SCHEMA_VERSION
-    assert c.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert c.execute("PRAGMA foreign_keys").fetchone()[0] == 1
-    assert c.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    for run in (db.read, db.write):
+        assert run(lambda c: c.execute("PRAGMA user_version").fetchone()[0]) == mkat.SCHEMA_VERSION
+        assert run(lambda c: c.execute("PRAGMA foreign_keys").fetchone()[0]) == 1
+        assert run(lambda c: c.execute("PRAGMA synchronous").fetchone()[0]) == 2  # FULL
+    assert db.read(lambda c: c.execute("PRAGMA journal_mode").fetchone()[0]) == "wal"
+    db.close()
+
+
+def test_reads_share_a_few_connections_whatever_the_number_of_threads(tmp_path):
+    import threading
+
+    db = mkat.Database(str(tmp_path / "pool.db"))
+    seen, start = set(), threading.Barrier(16)
+
+    def read():
+        start.wait()
+        for _ in range(20):
+            db.read(lambda c: seen.add(id(c)) or c.execute("SELECT count(*) FROM services").fetchone())
+
+    threads = [threading.Thread(target=read) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert 1 <= len(seen) <= mkat.READ_CONNECTIONS
     db.close()
 
 
@@ -34,10 +54,10 @@ def test_an_older_database_gets_the_missing_migrations_in_order(tmp_path, monkey
         ],
     )
     db = mkat.Database(path)
-    c = db.connection()
     assert db.migrated_from == mkat.SCHEMA_VERSION - 2
-    assert c.execute("PRAGMA user_version").fetchone()[0] == mkat.SCHEMA_VERSION
-    assert "note" in [row[1] for row in c.execute("PRAGMA table_info(services)")]
+    assert db.read(lambda c: c.execute("PRAGMA user_version").fetchone()[0]) == mkat.SCHEMA_VERSION
+    columns = db.read(lambda c: [row[1] for row in c.execute("PRAGMA table_info(services)")])
+    assert "note" in columns
     db.close()
 
 

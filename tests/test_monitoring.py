@@ -263,7 +263,7 @@ def test_it_records_alerts_of_a_muted_service_as_suppressed(ctx, clock):
     # It should keep monitoring: the state changes, the alert is recorded but suppressed
     assert service(ctx, service_id)["state"] == State.DOWN
     assert (row["suppressed"], row["suppression_reason"]) == (1, "muted")
-    assert not ctx.alerts_pending.is_set()
+    assert not ctx.deliveries_pending.is_set()
 
 
 def test_it_ends_a_mute_on_time_and_notes_a_service_still_down(ctx, clock):
@@ -284,11 +284,14 @@ def test_it_ends_a_mute_on_time_and_notes_a_service_still_down(ctx, clock):
 
 
 def test_it_rings_the_dispatcher_only_for_alerts_worth_sending(ctx):
+    default = ctx.db.read(mkat.find_default_contact_id)
+    config = {"url": "http://127.0.0.1:9/hook"}
+    ctx.db.write(mkat.add_channel, ctx.clock(), default, mkat.ChannelType.WEBHOOK, config, True)
     _, [monitor] = create(ctx, "svc", WEBHOOK)
     webhook(ctx, monitor["token"], failed=False)
-    assert not ctx.alerts_pending.is_set()  # UNKNOWN → UP is not news
+    assert not ctx.deliveries_pending.is_set()  # UNKNOWN → UP is not news
     webhook(ctx, monitor["token"])
-    assert ctx.alerts_pending.is_set()
+    assert ctx.deliveries_pending.is_set()
 
 
 def test_it_acknowledges_an_alert_once(ctx, clock):
