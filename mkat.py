@@ -556,7 +556,9 @@ class Database:
 
     Reads take a pooled connection rather than one per thread: each connection keeps its own
     page and statement caches (~0.75 MB after a few lists), and 16 HTTP threads holding one
-    each cost 12 MB for nothing, since reads are short. Writes are group-committed: the writer takes every operation that is waiting, runs each in
+    each cost 12 MB for nothing, since reads are short.
+
+    Writes are group-committed: the writer takes every operation that is waiting, runs each in
     its own SAVEPOINT inside one transaction, and COMMITs once, so one fsync (synchronous=FULL)
     covers many heartbeats. An operation that raises is rolled back alone. With a single writer,
     SQLite's busy-wait (sleeps of up to 100 ms, then "database is locked") never happens.
