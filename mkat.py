@@ -3791,6 +3791,18 @@ def start_workers(ctx: Context) -> list[threading.Thread]:
     return threads + Dispatcher(ctx).start()
 
 
+def stop_workers(ctx: Context, workers: list[threading.Thread], timeout: float = 2.0) -> None:
+    """Wake the workers and wait for them (2 s at most in all). The Telegram poller may be in a
+    long poll: it is a daemon, and whatever it fetched but did not handle, Telegram hands out
+    again, since its offset was not confirmed."""
+    ctx.stop.set()
+    ctx.deliveries_pending.set()
+    give_up = time.monotonic() + timeout
+    for thread in workers:
+        if thread.name != "mkat-telegram":
+            thread.join(timeout=max(0.0, give_up - time.monotonic()))
+
+
 def fail(variable: str, message: str) -> int:
     """Report a startup problem in one line and return the exit status."""
     print(f"mkat: {variable}: {message}", file=sys.stderr)
@@ -3835,8 +3847,7 @@ def main() -> int:
         )
     workers = start_workers(ctx)
     server.serve(ctx.stop)
-    for thread in workers:
-        thread.join(timeout=2)
+    stop_workers(ctx, workers)
     ctx.db.close()
     log_event(logging.INFO, "stopped")
     return 0

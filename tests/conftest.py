@@ -168,11 +168,10 @@ class Running:
 
     def stop(self) -> None:
         self.ctx.stop.set()
-        self.ctx.deliveries_pending.set()
-        for thread in [self.server, *self.workers]:
-            if thread.name != "mkat-telegram":  # it may sit in a long poll; it is a daemon
-                thread.join(timeout=5)
-                assert not thread.is_alive(), thread.name
+        self.server.join(timeout=5)
+        mkat.stop_workers(self.ctx, self.workers, timeout=5)
+        alive = [t.name for t in [self.server, *self.workers] if t.is_alive() and t.name != "mkat-telegram"]
+        assert alive == []
         self.ctx.db.close()
 
 

@@ -282,7 +282,8 @@ def test_an_outage_of_three_failures_then_success_delivers_exactly_once(notifyin
     fail(notifying, service)
     for attempt, delay in enumerate([1, 2, 4], start=1):
         telegram.wait_for("sendMessage", attempt)
-        wait_for(lambda: mkat_channel(notifying)["lastError"] == "Internal Server Error")
+        wait_for(lambda n=attempt: delivery_rows(notifying.ctx)[0]["attempts"] == n)  # recorded
+        assert mkat_channel(notifying)["lastError"] == "Internal Server Error"
         advance(notifying.ctx, clock, delay)
     telegram.wait_for("sendMessage", 4)
     settle(notifying.ctx)
