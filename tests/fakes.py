@@ -8,6 +8,7 @@ HTML parse mode checked the way Telegram checks it. Tests act as the user with s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -102,10 +103,8 @@ class FakeTelegram:
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                try:
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # mkat stopped mid-poll
                     self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client went away (mkat stopped mid-poll)
 
             def log_message(self, *args: Any) -> None:
                 pass
