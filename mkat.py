@@ -155,7 +155,7 @@ SENDER_THREADS = 8
 NETWORK_TIMEOUT_SECONDS = 10
 TELEGRAM_POLL_SECONDS = 25
 TELEGRAM_MAX_TEXT = 4096
-MUTE_CHOICES_MINUTES = (15, 60, 1440)  # the buttons under a Telegram alert
+MUTE_BUTTONS = ((15, "Mute 15m"), (60, "Mute 1h"), (1440, "Mute 24h"))  # under a Telegram alert
 EVENT_KEEPALIVE_SECONDS = 15
 
 
@@ -1554,6 +1554,19 @@ class Cause:
     message: str = ""
 
 
+def emit_alert_updated(c: Connection, alert_id: str) -> None:
+    """Tell the event streams what an alert looks like now."""
+    alert = find_alert(c, alert_id)
+    c.emit(
+        "alert_updated",
+        alertId=alert_id,
+        serviceId=alert["service_id"],
+        acknowledgedAt=iso(alert["acknowledged_at"]),
+        dispatchedAt=iso(alert["dispatched_at"]),
+        resolvedAt=iso(alert["resolved_at"]),
+    )
+
+
 def get_service(c: Connection, service_id: str) -> Row:
     row = find_service(c, service_id) if is_uuid(service_id) else None
     if row is None:
@@ -1656,7 +1669,7 @@ def record_alert(c: Connection, now: float, service: Row, kind: AlertType, cause
     }
     if kind == AlertType.RECOVERY:
         for resolved_id in resolve_down_alerts(c, service["id"], now):
-            c.emit("alert_updated", alertId=resolved_id, serviceId=service["id"], resolvedAt=iso(now))
+            emit_alert_updated(c, resolved_id)
             refresh_cards(c, now, resolved_id)
     insert_alert(c, alert)
     if not muted:
@@ -1877,13 +1890,7 @@ def acknowledge_alert(c: Connection, now: float, alert_id: str, by: str) -> None
     if not acknowledge_alert_row(c, alert_id, now, by):
         raise MkatError("ALREADY_ACKNOWLEDGED", "The alert was already acknowledged")
     refresh_cards(c, now, alert_id)
-    c.emit(
-        "alert_updated",
-        alertId=alert_id,
-        serviceId=alert["service_id"],
-        acknowledgedAt=iso(now),
-        dispatchedAt=iso(alert["dispatched_at"]),
-    )
+    emit_alert_updated(c, alert_id)
 
 
 def ensure_instance(c: Connection, now: float, config: Config) -> tuple[str, bool]:
@@ -2030,10 +2037,7 @@ def render_card(alert: Row, service: Row, now: float, notice: bool = False) -> t
             rows.append([{"text": "Acknowledge", "callback_data": f"ack:{alert['id']}"}])
         if not muted:
             rows.append(
-                [
-                    {"text": f"Mute {format_duration(m * 60)}", "callback_data": f"mute:{service['id']}:{m}"}
-                    for m in MUTE_CHOICES_MINUTES
-                ]
+                [{"text": label, "callback_data": f"mute:{service['id']}:{m}"} for m, label in MUTE_BUTTONS]
             )
     return "\n".join(lines), ({"inline_keyboard": rows} if rows else None)
 
@@ -2278,7 +2282,7 @@ def record_outcome(c: Connection, now: float, delivery_id: int, outcome: Outcome
         clear_channel_error(c, channel_id)
         if delivery["kind"] == DeliveryKind.ALERT and count_unsent_alert_deliveries(c, alert_id) == 0:
             update_alert_dispatched(c, alert_id, now)
-            c.emit("alert_updated", alertId=alert_id, serviceId=delivery["service_id"], dispatchedAt=iso(now))
+            emit_alert_updated(c, alert_id)
         return
     error = outcome.error or "failed"
     update_channel_error(c, channel_id, error, now)

@@ -12,7 +12,7 @@ TIME = "2030-03-17 17:46 UTC"  # START as the messages show it
 MUTE_ROW = [
     {"text": "Mute 15m", "callback_data": "mute:{sid}:15"},
     {"text": "Mute 1h", "callback_data": "mute:{sid}:60"},
-    {"text": "Mute 1d", "callback_data": "mute:{sid}:1440"},
+    {"text": "Mute 24h", "callback_data": "mute:{sid}:1440"},
 ]
 
 
@@ -127,7 +127,7 @@ def test_tapping_acknowledge_twice_says_it_is_done(notifying, telegram):
     assert [a["text"] for a in answers] == ["Acknowledged", "Already acknowledged"]
 
 
-@pytest.mark.parametrize(("minutes", "label"), [(15, "Mute 15m"), (60, "Mute 1h"), (1440, "Mute 1d")])
+@pytest.mark.parametrize(("minutes", "label"), [(15, "Mute 15m"), (60, "Mute 1h"), (1440, "Mute 24h")])
 def test_tapping_a_mute_button_mutes_and_edits_the_card(notifying, telegram, minutes, label):
     service = notifying.create_service("web")
     fail(notifying, service)
@@ -602,7 +602,14 @@ def test_the_event_stream_reports_changes_as_they_happen(notifying):
         "severity": 1,
         "suppressed": False,
     }
-    assert data["alert_updated"]["alertId"] == alert["id"]
+    # (the third: the alert went out to Telegram)
+    assert data["alert_updated"] == {
+        "alertId": alert["id"],
+        "serviceId": service["id"],
+        "acknowledgedAt": None,
+        "dispatchedAt": alert["dispatchedAt"],
+        "resolvedAt": None,
+    }
 
 
 def test_the_event_stream_needs_credentials_and_has_a_cap(notifying):
