@@ -230,3 +230,22 @@ def test_a_port_in_use_is_refused_in_one_line(started, tmp_path):
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
     assert line.startswith(f"mkat: MKAT_PORT: cannot listen on 0.0.0.0:{port}")
+
+
+def test_it_notifies_telegram_and_still_stops_at_once_during_a_long_poll(started, telegram):
+    mkat = started(
+        MKAT_PASSWORD="pw",
+        MKAT_TELEGRAM_BOT_TOKEN=telegram.token,
+        MKAT_TELEGRAM_API_URL=telegram.url,
+        MKAT_TELEGRAM_CHAT_ID="4242",
+    )
+    mkat.wait_until_healthy()
+    body = {"name": "web", "monitors": [{"type": "Webhook"}]}
+    service = requests.post(mkat.url + "/api/v1/services", json=body, auth=("admin", "pw"), timeout=5).json()
+    requests.post(f"{mkat.url}/webhook/{service['monitors'][0]['token']}/fail", timeout=5)
+    [sent] = telegram.wait_for("sendMessage", 1)
+    assert sent["text"].startswith("🔴 <b>web</b> is DOWN")
+    wait_for(lambda: telegram.sent("getUpdates"))  # the bot is polling
+    code, seconds = mkat.stop()
+    assert (code, seconds < 5) == (0, True)
+    assert "Traceback" not in mkat.output()
