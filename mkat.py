@@ -488,6 +488,12 @@ def invalid(field: str, message: str) -> MkatError:
     return MkatError("VALIDATION_ERROR", "Validation failed", {field: [message]})
 
 
+def ensure_name_free(kind: str, name: str, owner_id: str | None, own_id: str | None = None) -> None:
+    """409 DUPLICATE_NAME unless the name is free, or already this row's own (owner_id: who has it)."""
+    if owner_id is not None and owner_id != own_id:
+        raise MkatError("DUPLICATE_NAME", f"A {kind} named {name!r} already exists", {"name": ["is taken"]})
+
+
 ###############################################################################
 # Database ####################################################################
 ###############################################################################
@@ -718,10 +724,25 @@ def upsert_setting(c: Connection, key: str, value: str) -> None:
     )
 
 
-# -- services -------------------------------------------------------------------
+# -- updates of chosen columns ----------------------------------------------------
 
-# Columns an update may set; anything else is refused before it reaches SQL.
-SERVICE_UPDATABLE = ("name", "name_key", "description", "severity")
+# The columns an update may set, per table: column names reach SQL only from here.
+UPDATABLE = {
+    "services": ("name", "name_key", "description", "severity", "updated_at"),
+    "monitors": ("interval_seconds", "grace_seconds", "deadline_at"),
+    "channels": ("configuration", "is_enabled"),
+}
+
+
+def update_columns(c: Connection, table: str, row_id: str, changes: dict[str, Any]) -> None:
+    """UPDATE one row's columns that `changes` names and UPDATABLE allows; others are ignored."""
+    values = {name: changes[name] for name in UPDATABLE[table] if name in changes}
+    if values:
+        assignments = ", ".join(f"{name} = :{name}" for name in values)
+        c.execute(f"UPDATE {table} SET {assignments} WHERE id = :id", {**values, "id": row_id})
+
+
+# -- services -------------------------------------------------------------------
 
 
 def find_service(c: Connection, service_id: str) -> Row | None:
@@ -767,15 +788,6 @@ def insert_service(c: Connection, row: dict[str, Any]) -> None:
                 :created_at, :created_at, :created_at)
         """,
         row,
-    )
-
-
-def update_service_columns(c: Connection, service_id: str, changes: dict[str, Any], now: float) -> None:
-    columns = [name for name in SERVICE_UPDATABLE if name in changes]
-    assignments = "".join(f"{name} = :{name}, " for name in columns)
-    c.execute(
-        f"UPDATE services SET {assignments}updated_at = :now WHERE id = :id",
-        {**{name: changes[name] for name in columns}, "now": now, "id": service_id},
     )
 
 
@@ -843,8 +855,6 @@ def list_ended_mutes(c: Connection, now: float, limit: int) -> list[str]:
 
 # -- monitors -------------------------------------------------------------------
 
-MONITOR_UPDATABLE = ("interval_seconds", "grace_seconds", "deadline_at")
-
 
 def find_monitor(c: Connection, monitor_id: str) -> Row | None:
     return c.execute("SELECT * FROM monitors WHERE id = ?", (monitor_id,)).fetchone()
@@ -890,14 +900,6 @@ def insert_monitor(c: Connection, row: dict[str, Any]) -> None:
         """,
         row,
     )
-
-
-def update_monitor_columns(c: Connection, monitor_id: str, changes: dict[str, Any]) -> None:
-    columns = [name for name in MONITOR_UPDATABLE if name in changes]
-    if columns:
-        assignments = ", ".join(f"{name} = :{name}" for name in columns)
-        params = {**{name: changes[name] for name in columns}, "id": monitor_id}
-        c.execute(f"UPDATE monitors SET {assignments} WHERE id = :id", params)
 
 
 def delete_monitor_row(c: Connection, monitor_id: str) -> None:
@@ -1127,8 +1129,6 @@ def list_contact_ids(c: Connection, service_ids: list[str]) -> dict[str, list[st
 
 # -- channels -------------------------------------------------------------------
 
-CHANNEL_UPDATABLE = ("configuration", "is_enabled")
-
 
 def find_channel(c: Connection, channel_id: str) -> Row | None:
     return c.execute("SELECT * FROM channels WHERE id = ?", (channel_id,)).fetchone()
@@ -1149,14 +1149,6 @@ def insert_channel(c: Connection, row: dict[str, Any]) -> None:
         """,
         row,
     )
-
-
-def update_channel_columns(c: Connection, channel_id: str, changes: dict[str, Any]) -> None:
-    columns = [name for name in CHANNEL_UPDATABLE if name in changes]
-    if columns:
-        assignments = ", ".join(f"{name} = :{name}" for name in columns)
-        params = {**{name: changes[name] for name in columns}, "id": channel_id}
-        c.execute(f"UPDATE channels SET {assignments} WHERE id = :id", params)
 
 
 def delete_channel_row(c: Connection, channel_id: str) -> None:
@@ -1423,14 +1415,8 @@ def get_contact(c: Connection, contact_id: str) -> Row:
     return row
 
 
-def ensure_unique_contact_name(c: Connection, name: str, contact_id: str | None = None) -> None:
-    owner = find_contact_id_by_name(c, casefold_name(name))
-    if owner is not None and owner != contact_id:
-        raise MkatError("DUPLICATE_NAME", f"A contact named {name!r} already exists", {"name": ["is taken"]})
-
-
 def create_contact(c: Connection, now: float, name: str) -> str:
-    ensure_unique_contact_name(c, name)
+    ensure_name_free("contact", name, find_contact_id_by_name(c, casefold_name(name)))
     contact_id = new_id()
     insert_contact(
         c,
@@ -1441,7 +1427,7 @@ def create_contact(c: Connection, now: float, name: str) -> str:
 
 def rename_contact(c: Connection, contact_id: str, name: str) -> None:
     get_contact(c, contact_id)
-    ensure_unique_contact_name(c, name, contact_id)
+    ensure_name_free("contact", name, find_contact_id_by_name(c, casefold_name(name)), contact_id)
     update_contact_name(c, contact_id, name)
 
 
@@ -1498,7 +1484,7 @@ def update_channel(
         changes = {**changes, "configuration": json.dumps(changes["configuration"])}
     if "is_enabled" in changes:
         changes = {**changes, "is_enabled": int(changes["is_enabled"])}
-    update_channel_columns(c, channel_id, changes)
+    update_columns(c, "channels", channel_id, changes)
 
 
 def delete_channel(c: Connection, channel_id: str, contact_id: str | None = None) -> None:
@@ -1574,15 +1560,9 @@ def get_service(c: Connection, service_id: str) -> Row:
     return row
 
 
-def ensure_unique_name(c: Connection, name: str, service_id: str | None = None) -> None:
-    owner = find_service_id_by_name(c, casefold_name(name))
-    if owner is not None and owner != service_id:
-        raise MkatError("DUPLICATE_NAME", f"A service named {name!r} already exists", {"name": ["is taken"]})
-
-
 def create_service(c: Connection, now: float, spec: dict[str, Any], monitors: list[dict[str, Any]]) -> str:
     """Create a service with its monitors and the default contact; return its id."""
-    ensure_unique_name(c, spec["name"])
+    ensure_name_free("service", spec["name"], find_service_id_by_name(c, casefold_name(spec["name"])))
     service_id = new_id()
     insert_service(
         c,
@@ -1620,9 +1600,10 @@ def set_service_contacts(c: Connection, service_id: str, contact_ids: list[str])
 def update_service(c: Connection, now: float, service_id: str, changes: dict[str, Any]) -> None:
     get_service(c, service_id)
     if "name" in changes:
-        ensure_unique_name(c, changes["name"], service_id)
+        owner = find_service_id_by_name(c, casefold_name(changes["name"]))
+        ensure_name_free("service", changes["name"], owner, service_id)
         changes = {**changes, "name_key": casefold_name(changes["name"])}
-    update_service_columns(c, service_id, changes, now)
+    update_columns(c, "services", service_id, {**changes, "updated_at": now})
 
 
 def delete_service(c: Connection, service_id: str) -> None:
@@ -1812,7 +1793,7 @@ def update_monitor(
                 changes.get("grace_seconds", monitor["grace_seconds"]),
             ),
         }
-    update_monitor_columns(c, monitor_id, changes)
+    update_columns(c, "monitors", monitor_id, changes)
 
 
 def delete_monitor(c: Connection, now: float, service_id: str, monitor_id: str) -> None:

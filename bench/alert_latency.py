@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,19 +25,13 @@ import time
 from pathlib import Path
 
 import requests
+import running
+from running import AUTH, ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from fakes import FakeTelegram  # noqa: E402
+from fakes import FakeTelegram
 
-AUTH = ("admin", "bench")
 CHAT = 4242
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_fake(pipe) -> None:
@@ -55,28 +47,12 @@ def run_fake(pipe) -> None:
 
 
 def start_mkat(folder: Path, telegram: tuple[str, str]) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MKAT_")}
-    env.update(
-        MKAT_HOST="127.0.0.1",
-        MKAT_PORT=str(port),
-        MKAT_PASSWORD=AUTH[1],
-        MKAT_DATABASE_PATH=str(folder / "bench.db"),
+    return running.start_mkat(
+        folder,
         MKAT_TELEGRAM_API_URL=telegram[0],
         MKAT_TELEGRAM_BOT_TOKEN=telegram[1],
         MKAT_TELEGRAM_CHAT_ID=str(CHAT),
-        MKAT_LOG_LEVEL="WARNING",
     )
-    log = (folder / "mkat.log").open("w")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "mkat.py")], env=env, stdout=log, stderr=log)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            if requests.get(url + "/health", timeout=1).ok:
-                return proc, url
-        except requests.ConnectionError:
-            time.sleep(0.05)
-    raise SystemExit("mkat did not start: " + (folder / "mkat.log").read_text())
 
 
 def percentile(values: list[float], p: float) -> float:

@@ -15,12 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -28,10 +25,8 @@ from datetime import datetime
 from pathlib import Path
 
 import requests
-
-ROOT = Path(__file__).resolve().parent.parent
-PASSWORD = "bench"
-AUTH = ("admin", PASSWORD)
+import running
+from running import AUTH
 
 LUA = """
 local tokens = {%(tokens)s}
@@ -53,12 +48,6 @@ end
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def rss_mb(pid: int) -> tuple[float, float]:
     """(current, peak) resident set size of a process, in MB."""
     fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
@@ -66,29 +55,8 @@ def rss_mb(pid: int) -> tuple[float, float]:
 
 
 def start_mkat(folder: Path, threads: int | None) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MKAT_")}
-    env.update(
-        MKAT_HOST="127.0.0.1",
-        MKAT_PORT=str(port),
-        MKAT_PASSWORD=PASSWORD,
-        MKAT_DATABASE_PATH=str(folder / "bench.db"),
-        MKAT_MIN_INTERVAL_SECONDS="1",
-        MKAT_MIN_GRACE_SECONDS="0",
-        MKAT_LOG_LEVEL="WARNING",
-    )
-    if threads:
-        env["MKAT_THREADS"] = str(threads)
-    log = (folder / "mkat.log").open("w")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "mkat.py")], env=env, stderr=log, stdout=log)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            if requests.get(url + "/health", timeout=1).ok:
-                return proc, url
-        except requests.ConnectionError:
-            time.sleep(0.05)
-    raise SystemExit("mkat did not start: " + (folder / "mkat.log").read_text())
+    extra = {"MKAT_THREADS": str(threads)} if threads else {}
+    return running.start_mkat(folder, MKAT_MIN_INTERVAL_SECONDS="1", MKAT_MIN_GRACE_SECONDS="0", **extra)
 
 
 def create_monitors(url: str, count: int, per_service: int = 100) -> list[str]:

@@ -314,6 +314,18 @@ class FakeTelegram:
         return offsets[-1] if offsets else 0
 
 
+def wait_for_items(cond: threading.Condition, items: list, count: int, timeout: float, what: str) -> list:
+    """Wait until `items` (guarded by `cond`) holds at least `count`; a copy of them."""
+    deadline = time.monotonic() + timeout
+    with cond:
+        while len(items) < count:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"got {len(items)} {what}, wanted {count}")
+            cond.wait(remaining)
+        return list(items)
+
+
 class WebhookReceiver:
     """Records every POST; answers with the statuses queued in `replies`, else 200."""
 
@@ -348,14 +360,7 @@ class WebhookReceiver:
         threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
 
     def wait_for(self, count: int, timeout: float = 5.0) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while len(self.received) < count:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise AssertionError(f"webhook received {len(self.received)} posts, wanted {count}")
-                self.cond.wait(remaining)
-            return list(self.received)
+        return wait_for_items(self.cond, self.received, count, timeout, "webhook posts")
 
     def stop(self) -> None:
         self.server.shutdown()
@@ -391,14 +396,7 @@ class Mailbox:
         return "250 Message accepted"
 
     def wait_for(self, count: int, timeout: float = 5.0) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while len(self.messages) < count:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise AssertionError(f"mailbox got {len(self.messages)} messages, wanted {count}")
-                self.cond.wait(remaining)
-            return list(self.messages)
+        return wait_for_items(self.cond, self.messages, count, timeout, "e-mails")
 
     def stop(self) -> None:
         self.controller.stop()
