@@ -300,6 +300,14 @@ const dialog = {
   isOpen: () => $("#dialog").open,
 };
 
+/** The Cancel and submit buttons at the foot of a dialog's form. */
+function dialogButtons(label, kind = "primary") {
+  return html`<div class="buttons">
+    <button type="button" data-action="close-dialog">Cancel</button>
+    <button type="submit" class="${kind}">${label}</button>
+  </div>`;
+}
+
 let confirmAction = null;
 
 /** Ask before doing something that cannot be undone. */
@@ -308,10 +316,7 @@ function confirmThen(message, label, action) {
   dialog.open(html`<form data-form="confirm" method="dialog">
     <h2 id="dialog-title">Are you sure?</h2>
     <p>${message}</p>
-    <div class="buttons">
-      <button type="button" data-action="close-dialog">Cancel</button>
-      <button type="submit" class="danger">${label}</button>
-    </div>
+    ${dialogButtons(label, "danger")}
   </form>`);
 }
 
@@ -330,10 +335,7 @@ function muteDialog(serviceId, serviceName) {
     </fieldset>
     <label>Reason (optional)<input type="text" name="reason" maxlength="200"></label>
     ${errorSlot("reason")}
-    <div class="buttons">
-      <button type="button" data-action="close-dialog">Cancel</button>
-      <button type="submit" class="primary">Mute</button>
-    </div>
+    ${dialogButtons("Mute")}
   </form>`);
 }
 
@@ -345,10 +347,7 @@ function pauseDialog(serviceId, serviceName) {
     ${errorSlot("until")}
     <label class="inline"><input type="checkbox" name="autoResume"> Resume by itself at that time</label>
     ${errorSlot("autoResume")}
-    <div class="buttons">
-      <button type="button" data-action="close-dialog">Cancel</button>
-      <button type="submit" class="primary">Pause</button>
-    </div>
+    ${dialogButtons("Pause")}
   </form>`);
 }
 
@@ -383,10 +382,7 @@ function channelDialog(contactId, channel) {
     ${errorSlot("type")}
     ${channelFields(channel)}
     <label class="inline"><input type="checkbox" name="isEnabled" ${!channel || channel.isEnabled ? new Safe("checked") : ""}> Enabled</label>
-    <div class="buttons">
-      <button type="button" data-action="close-dialog">Cancel</button>
-      <button type="submit" class="primary">${channel ? "Save" : "Add channel"}</button>
-    </div>
+    ${dialogButtons(channel ? "Save" : "Add channel")}
   </form>`);
 }
 
@@ -395,10 +391,7 @@ function renameDialog(contact) {
     <h2 id="dialog-title">Rename contact</h2>
     <label>Name<input type="text" name="name" value="${contact.name}" required maxlength="100"></label>
     ${errorSlot("name")}
-    <div class="buttons">
-      <button type="button" data-action="close-dialog">Cancel</button>
-      <button type="submit" class="primary">Save</button>
-    </div>
+    ${dialogButtons("Save")}
   </form>`);
 }
 
@@ -744,10 +737,7 @@ async function routesDialog(serviceId) {
       ${contacts.map((c) => html`<label class="inline"><input type="checkbox" name="contactIds" value="${c.id}" ${chosen.has(c.id) ? new Safe("checked") : ""}> ${c.name}</label>`)}
     </fieldset>
     ${errorSlot("contactIds")}
-    <div class="buttons">
-      <button type="button" data-action="close-dialog">Cancel</button>
-      <button type="submit" class="primary">Save</button>
-    </div>
+    ${dialogButtons("Save")}
   </form>`);
 }
 
