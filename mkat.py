@@ -3,28 +3,33 @@
 mkat is a small self-hosted monitor. Services own monitors that are fed from outside: webhooks
 (`POST /webhook/{token}/fail|recover`) and heartbeats (`POST /heartbeat/{token}`, DOWN when one
 is missed). The service state is derived from its monitors, and every transition worth telling
-someone about becomes an alert row that a dispatcher delivers. One process: a waitress HTTP
-server, a `schedule` thread for the periodic jobs, SQLite underneath. The contract is SPEC.md.
+someone about becomes an alert row, fanned out to deliveries for the channels (Telegram, e-mail,
+webhook) of the service's contacts, which a dispatcher sends and retries. One process: a waitress
+HTTP server, a `schedule` thread for the periodic jobs, the dispatcher and the Telegram bot
+threads, SQLite underneath with one writer thread. The contract is SPEC.md.
 
 Sections, each using only the ones above it:
 
-    1. Imports & logging         structured key=value or JSON lines
-    2. Constants & enums         the API's integer enums
-    3. Configuration             the MKAT_* variables, one declared table
-    4. Utilities & clock         ids, tokens, instants, durations
-    5. Errors                    MkatError: one refusal shape for the whole API
-    6. Database                  connections, transactions, migrations
-    7. Queries                   all SQL outside schema.sql
-    8. Domain: state rules       pure functions: derived state, which alert
-    9. Domain: services          create, update, pause, mute, transitions
-   10. Domain: monitors          add, update, delete, push events, missed deadlines
-   11. Domain: alerts & setup    acknowledge, the instance's defaults
-   12. Workers                   job_* functions and the scheduler thread
-   13. HTTP plumbing             JSON in/out, validation, auth, errors, headers
-   14. HTTP: API v1              api_* routes and the to_api/from_api adapters
-   15. HTTP: push & health       push_* routes, /health
-   16. HTTP: UI                  the static single page
-   17. App assembly & main       Context, routes, server, signals
+    1. Imports & logging           structured key=value or JSON lines
+    2. Constants & enums           the API's integer enums, limits
+    3. Configuration               the MKAT_* variables, one declared table
+    4. Utilities & clock           ids, tokens, instants, durations
+    5. Errors                      MkatError: one refusal shape for the whole API
+    6. Database                    read pool, the group-committing writer, migrations
+    7. Queries                     all SQL outside schema.sql
+    8. Domain: state rules         pure functions: derived state, which alert
+    9. Domain: contacts & routing  contacts, channels, fan-out of alerts into deliveries
+   10. Domain: services            create, update, pause, mute, transitions, alerts
+   11. Domain: monitors            add, update, delete, push events, missed deadlines
+   12. Domain: alerts & setup      acknowledge, the instance's defaults
+   13. Telegram Bot API client     the few methods mkat calls
+   14. Notifications               formatting, senders, the dispatcher, channel tests, the bot
+   15. Workers                     job_* functions and the scheduler thread
+   16. HTTP plumbing               JSON in/out, validation, auth, errors, headers, event streams
+   17. HTTP: API v1                api_* routes and the to_api/from_api adapters
+   18. HTTP: push & health         push_* routes, /health
+   19. HTTP: UI                    the static single page
+   20. App assembly & main         Context, routes, server, signals
 """
 
 ###############################################################################
@@ -218,13 +223,6 @@ class AlertType(ApiEnum):
     RECOVERY = 1
     MISSED_HEARTBEAT = 2
     FAILED_HEALTH_CHECK = 3
-
-
-class ThresholdStrategy(ApiEnum):
-    IMMEDIATE = 0
-    CONSECUTIVE_COUNT = 1
-    TIME_DURATION_AVERAGE = 2
-    SAMPLE_COUNT_AVERAGE = 3
 
 
 class ChannelType(ApiEnum):
@@ -1272,14 +1270,6 @@ def has_pending_update(c: Connection, alert_id: str, channel_id: str) -> bool:
     return row is not None
 
 
-def find_alert_by_message(c: Connection, channel_id: str, message_id: int) -> str | None:
-    row = c.execute(
-        "SELECT alert_id FROM deliveries WHERE channel_id = ? AND message_id = ?",
-        (channel_id, message_id),
-    ).fetchone()
-    return row[0] if row else None
-
-
 def mark_delivery_sent(c: Connection, delivery_id: int, now: float, message_id: int | None) -> None:
     c.execute(
         """
@@ -1560,6 +1550,28 @@ def get_service(c: Connection, service_id: str) -> Row:
     return row
 
 
+def insert_new_monitor(c: Connection, now: float, service_id: str, spec: dict[str, Any]) -> str:
+    """Insert a monitor from a validated spec; heartbeats are armed from now."""
+    kind = MonitorType(spec["type"])
+    armed = kind == MonitorType.HEARTBEAT
+    row = {
+        "id": new_id(),
+        "service_id": service_id,
+        "type": int(kind),
+        "token": new_token(),
+        "state": int(State.UNKNOWN),
+        "interval_seconds": spec["interval_seconds"],
+        "grace_seconds": spec["grace_seconds"],
+        "armed_at": now if armed else None,
+        "deadline_at": heartbeat_deadline(now, spec["interval_seconds"], spec["grace_seconds"])
+        if armed
+        else None,
+        "created_at": now,
+    }
+    insert_monitor(c, row)
+    return row["id"]
+
+
 def create_service(c: Connection, now: float, spec: dict[str, Any], monitors: list[dict[str, Any]]) -> str:
     """Create a service with its monitors and the default contact; return its id."""
     ensure_name_free("service", spec["name"], find_service_id_by_name(c, casefold_name(spec["name"])))
@@ -1742,28 +1754,6 @@ def get_monitor(c: Connection, service_id: str, monitor_id: str) -> Row:
     if row is None or row["service_id"] != service_id:
         raise not_found("monitor")
     return row
-
-
-def insert_new_monitor(c: Connection, now: float, service_id: str, spec: dict[str, Any]) -> str:
-    """Insert a monitor from a validated spec; heartbeats are armed from now."""
-    kind = MonitorType(spec["type"])
-    armed = kind == MonitorType.HEARTBEAT
-    row = {
-        "id": new_id(),
-        "service_id": service_id,
-        "type": int(kind),
-        "token": new_token(),
-        "state": int(State.UNKNOWN),
-        "interval_seconds": spec["interval_seconds"],
-        "grace_seconds": spec["grace_seconds"],
-        "armed_at": now if armed else None,
-        "deadline_at": heartbeat_deadline(now, spec["interval_seconds"], spec["grace_seconds"])
-        if armed
-        else None,
-        "created_at": now,
-    }
-    insert_monitor(c, row)
-    return row["id"]
 
 
 def add_monitor(c: Connection, now: float, service_id: str, spec: dict[str, Any]) -> str:
@@ -2037,6 +2027,25 @@ def render_email(alert: Row, service: Row, now: float, notice: bool = False) -> 
     if notice:
         lines.append(f"The mute has ended; down for {format_duration(now - alert['created_at'])}.")
     return f"[mkat] {headline(alert, service, notice)}", "\n".join(lines) + "\n"
+
+
+# The alert as the API shows it; webhooks receive the same.
+def to_api_alert(a: Row) -> dict[str, Any]:
+    return {
+        "id": a["id"],
+        "serviceId": a["service_id"],
+        "serviceName": a["service_name"],
+        "monitorId": a["monitor_id"],
+        "type": a["type"],
+        "severity": a["severity"],
+        "message": a["message"],
+        "createdAt": iso(a["created_at"]),
+        "acknowledgedAt": iso(a["acknowledged_at"]),
+        "dispatchedAt": iso(a["dispatched_at"]),
+        "resolvedAt": iso(a["resolved_at"]),
+        "suppressed": bool(a["suppressed"]),
+        "suppressionReason": a["suppression_reason"],
+    }
 
 
 def webhook_payload(alert: Row, service: Row, notice: bool = False) -> dict[str, Any]:
@@ -2838,9 +2847,6 @@ class Fields:
                 result[column] = value
         return result
 
-    def nested(self, key: str) -> Fields:
-        return Fields(self.data.get(key) or {}, f"{self.prefix}{key}.", self.errors)
-
     def check(self) -> None:
         if self.errors:
             raise MkatError("VALIDATION_ERROR", "Validation failed", self.errors)
@@ -3142,24 +3148,6 @@ def to_api_service(s: Row, monitors: list[Row], contact_ids: list[str], base_url
         "updatedAt": iso(s["updated_at"]),
         "monitors": [to_api_monitor(m, base_url) for m in monitors],
         "contactIds": contact_ids,
-    }
-
-
-def to_api_alert(a: Row) -> dict[str, Any]:
-    return {
-        "id": a["id"],
-        "serviceId": a["service_id"],
-        "serviceName": a["service_name"],
-        "monitorId": a["monitor_id"],
-        "type": a["type"],
-        "severity": a["severity"],
-        "message": a["message"],
-        "createdAt": iso(a["created_at"]),
-        "acknowledgedAt": iso(a["acknowledged_at"]),
-        "dispatchedAt": iso(a["dispatched_at"]),
-        "resolvedAt": iso(a["resolved_at"]),
-        "suppressed": bool(a["suppressed"]),
-        "suppressionReason": a["suppression_reason"],
     }
 
 
