@@ -2287,10 +2287,18 @@ def record_outcome(c: Connection, now: float, delivery_id: int, outcome: Outcome
         log_event(logging.INFO, "delivery_retry", delivery=delivery_id, attempts=attempts, error=error)
 
 
+def drop_delivery(c: Connection, now: float, delivery_id: int, reason: str) -> None:
+    """Give up a delivery that should no longer be sent; the channel did nothing wrong."""
+    mark_delivery_failed(c, delivery_id, now, reason)
+
+
 def deliver(ctx: Context, delivery_id: int) -> Outcome | None:
     """One attempt at one delivery: read, send (no transaction open), record. None if nothing was due."""
     job = ctx.db.read(load_delivery_job, delivery_id)
     if job is None:
+        return None
+    if not job.channel["is_enabled"]:  # disabled since it was queued: nothing more goes there
+        ctx.db.write(drop_delivery, ctx.clock(), delivery_id, "the channel was disabled")
         return None
     try:
         outcome = SENDERS[ChannelType(job.channel["type"])](ctx, job)

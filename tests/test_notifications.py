@@ -498,6 +498,21 @@ def test_a_disabled_channel_gets_nothing(notifying, telegram, receiver):
     assert notifying.alerts()[0]["dispatchedAt"] is None
 
 
+def test_disabling_a_channel_drops_what_was_still_waiting_for_it(notifying, telegram, clock):
+    telegram.fail_next("sendMessage", 500, "Internal Server Error")
+    fail(notifying, notifying.create_service("web"))
+    telegram.wait_for("sendMessage", 1)
+    wait_for(lambda: delivery_rows(notifying.ctx)[0]["attempts"] == 1)
+    channel = mkat_channel(notifying)
+    notifying.put(f"/api/v1/channels/{channel['id']}", json={"isEnabled": False})
+    advance(notifying.ctx, clock, 1)
+    settle(notifying.ctx)
+    # It should send nothing more there, and not blame the channel for it
+    assert len(telegram.sent("sendMessage")) == 1
+    assert delivery_rows(notifying.ctx)[0]["last_error"] == "the channel was disabled"
+    assert mkat_channel(notifying)["lastError"] == "Internal Server Error"  # its last real problem
+
+
 def test_a_refused_recipient_is_permanent(with_email, mailbox):
     api = with_email.api
     ops = add_contact(api, "ops", {"type": "Email", "configuration": {"address": "nobody@refused.example"}})
