@@ -42,6 +42,7 @@ import contextlib
 import copy
 import ctypes
 import dataclasses
+import fcntl
 import hmac
 import html
 import json
@@ -544,6 +545,24 @@ def migrate(c: Connection) -> int:
     return version
 
 
+def claim_database(path: str) -> Any:
+    """Hold an exclusive lock on `<path>.lock` for as long as the returned file stays open.
+
+    Two mkat processes on one database would both send every alert. The lock is on a file of its
+    own, so it never meddles with SQLite's locks on the database itself.
+    """
+    try:
+        lock_file = open(f"{path}.lock", "a")  # noqa: SIM115 - held open until Database.close()
+    except OSError as exc:
+        raise sqlite3.OperationalError(f"unable to open database file ({exc.strerror})") from None
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock_file.close()
+        raise sqlite3.OperationalError("another mkat is already using this database") from None
+    return lock_file
+
+
 class WriteJob:
     """One write operation waiting for the writer: fn(c, *args), then its result or error."""
 
@@ -574,12 +593,18 @@ class Database:
         self.path = path
         # Called on the writer thread after each commit with an operation's events; must not write.
         self.on_commit = on_commit or (lambda events: None)
-        self._writer_connection = connect(path)
+        self._lock_file = claim_database(path)
+        try:
+            self._writer_connection = connect(path)
+        except BaseException:
+            self._lock_file.close()
+            raise
         try:
             self._writer_connection.execute("PRAGMA journal_mode = WAL")
             self.migrated_from = migrate(self._writer_connection)
         except BaseException:
             self._writer_connection.close()
+            self._lock_file.close()
             raise
         self._readers: queue.LifoQueue[Connection] = queue.LifoQueue()  # the warmest on top
         self._all_readers: list[Connection] = []
@@ -696,6 +721,7 @@ class Database:
             for c in [self._writer_connection, *self._all_readers]:
                 c.close()
             self._all_readers.clear()
+        self._lock_file.close()  # releases the claim
 
 
 ###############################################################################

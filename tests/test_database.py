@@ -85,3 +85,13 @@ def test_a_database_from_a_newer_mkat_is_refused(tmp_path):
     c.close()
     with pytest.raises(sqlite3.DatabaseError, match="made by a newer mkat"):
         mkat.Database(path)
+
+
+def test_a_second_mkat_on_the_same_database_is_refused(tmp_path):
+    path = str(tmp_path / "one.db")
+    first = mkat.Database(path)
+    with pytest.raises(sqlite3.OperationalError, match="another mkat is already using this database"):
+        mkat.Database(path)
+    first.close()
+    # It should let go when closed
+    mkat.Database(path).close()

@@ -249,3 +249,22 @@ def test_it_notifies_telegram_and_still_stops_at_once_during_a_long_poll(started
     code, seconds = mkat.stop()
     assert (code, seconds < 5) == (0, True)
     assert "Traceback" not in mkat.output()
+
+
+def test_a_second_mkat_on_the_same_database_stops_with_one_line(started, tmp_path):
+    first = started(MKAT_PASSWORD="pw")
+    first.wait_until_healthy()
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("MKAT_")}
+    result = subprocess.run(
+        [sys.executable, str(MKAT)],
+        cwd=tmp_path,
+        env={**environment, "MKAT_PORT": str(free_port())},
+        capture_output=True,
+        text=True,
+        timeout=15,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "mkat: MKAT_DATABASE_PATH: cannot use 'mkat.db': another mkat is already using this database"
+    )
+    assert first.stop()[0] == 0
