@@ -27,6 +27,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_until_exit(folder: Path, **env: str) -> subprocess.CompletedProcess:
+    """Run mkat that is expected to stop at once (bad configuration); its exit, stdout, stderr."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("MKAT_")}
+    environment.update({"MKAT_PORT": str(free_port()), **env})
+    return subprocess.run(
+        [sys.executable, str(MKAT)], cwd=folder, env=environment, capture_output=True, text=True, timeout=15
+    )
+
+
 class Process:
     """mkat started as a user would, in its own folder, logging to a file."""
 
@@ -187,11 +196,7 @@ def test_it_writes_json_logs_when_asked(started):
     ],
 )
 def test_a_bad_setting_stops_the_start_with_one_line_naming_it(tmp_path, env, variable):
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("MKAT_")}
-    environment.update({"MKAT_PORT": str(free_port()), **env})
-    result = subprocess.run(
-        [sys.executable, str(MKAT)], cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=15
-    )
+    result = run_until_exit(tmp_path, **env)
     assert result.returncode == 2
     assert result.stdout == ""
     [line] = result.stderr.strip().splitlines()
@@ -200,15 +205,7 @@ def test_a_bad_setting_stops_the_start_with_one_line_naming_it(tmp_path, env, va
 
 def test_a_database_that_is_not_sqlite_is_refused_in_one_line(tmp_path):
     (tmp_path / "mkat.db").write_text("these are my notes, not a database " * 200)
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("MKAT_")}
-    result = subprocess.run(
-        [sys.executable, str(MKAT)],
-        cwd=tmp_path,
-        env={**environment, "MKAT_PORT": str(free_port())},
-        capture_output=True,
-        text=True,
-        timeout=15,
-    )
+    result = run_until_exit(tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip() == "mkat: MKAT_DATABASE_PATH: cannot use 'mkat.db': file is not a database"
 
@@ -218,15 +215,7 @@ def test_a_port_in_use_is_refused_in_one_line(started, tmp_path):
         busy.bind(("0.0.0.0", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        environment = {k: v for k, v in os.environ.items() if not k.startswith("MKAT_")}
-        result = subprocess.run(
-            [sys.executable, str(MKAT)],
-            cwd=tmp_path,
-            env={**environment, "MKAT_PORT": str(port)},
-            capture_output=True,
-            text=True,
-            timeout=15,
-        )
+        result = run_until_exit(tmp_path, MKAT_PORT=str(port))
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
     assert line.startswith(f"mkat: MKAT_PORT: cannot listen on 0.0.0.0:{port}")
@@ -254,15 +243,7 @@ def test_it_notifies_telegram_and_still_stops_at_once_during_a_long_poll(started
 def test_a_second_mkat_on_the_same_database_stops_with_one_line(started, tmp_path):
     first = started(MKAT_PASSWORD="pw")
     first.wait_until_healthy()
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("MKAT_")}
-    result = subprocess.run(
-        [sys.executable, str(MKAT)],
-        cwd=tmp_path,
-        env={**environment, "MKAT_PORT": str(free_port())},
-        capture_output=True,
-        text=True,
-        timeout=15,
-    )
+    result = run_until_exit(tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip() == (
         "mkat: MKAT_DATABASE_PATH: cannot use 'mkat.db': another mkat is already using this database"
