@@ -1533,10 +1533,10 @@ def refresh_cards(c: Connection, now: float, alert_id: str) -> None:
     One pending update per channel is enough: it renders the alert as it is when it goes out.
     """
     queued = 0
-    for channel_id in dict.fromkeys(card["channel_id"] for card in list_cards(c, alert_id)):
+    channels = {card["channel_id"]: card["service_id"] for card in list_cards(c, alert_id)}
+    for channel_id, service_id in channels.items():
         if not has_pending_update(c, alert_id, channel_id):
-            alert = find_alert(c, alert_id)
-            insert_delivery(c, alert_id, channel_id, alert["service_id"], DeliveryKind.UPDATE, now)
+            insert_delivery(c, alert_id, channel_id, service_id, DeliveryKind.UPDATE, now)
             queued += 1
     if queued:
         c.emit("deliveries_queued", alertId=alert_id, count=queued)

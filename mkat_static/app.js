@@ -923,6 +923,7 @@ async function saveService(form, id, fields, specs) {
   }
 }
 
+/* An error a handler does not catch goes to reportError(error, form) in the submit listener. */
 const forms = {
   async login(form) {
     session.set(form.elements.user.value, form.elements.password.value);
@@ -955,18 +956,14 @@ const forms = {
       toast("Please correct the highlighted fields.", "error");
       return;
     }
-    try {
-      if (id) {
-        await saveService(form, id, fields, specs);
-        toast("Saved.");
-        router.go(`#/services/${id}`);
-      } else {
-        const created = await api("POST", "services", { ...fields, monitors: specs.map((s) => s.spec) });
-        toast("Service created. Point your job at its push URL.");
-        router.go(`#/services/${created.id}`);
-      }
-    } catch (error) {
-      reportError(error, form);
+    if (id) {
+      await saveService(form, id, fields, specs);
+      toast("Saved.");
+      router.go(`#/services/${id}`);
+    } else {
+      const created = await api("POST", "services", { ...fields, monitors: specs.map((s) => s.spec) });
+      toast("Service created. Point your job at its push URL.");
+      router.go(`#/services/${created.id}`);
     }
   },
   async mute(form) {
@@ -976,57 +973,37 @@ const forms = {
       showErrors(form, { durationMinutes: ["Use a duration like 30m, 2h or 3d."] });
       return;
     }
-    try {
-      const answer = await api("POST", `services/${form.dataset.id}/mute`, {
-        durationMinutes: Math.round(seconds / 60), reason: form.elements.reason.value.trim() || null,
-      });
-      dialog.close();
-      toast(`Muted until ${absoluteTime.format(new Date(answer.until))}.`);
-      router.refresh();
-    } catch (error) {
-      reportError(error, form);
-    }
+    const answer = await api("POST", `services/${form.dataset.id}/mute`, {
+      durationMinutes: Math.round(seconds / 60), reason: form.elements.reason.value.trim() || null,
+    });
+    dialog.close();
+    toast(`Muted until ${absoluteTime.format(new Date(answer.until))}.`);
+    router.refresh();
   },
   async pause(form) {
     const body = { autoResume: form.elements.autoResume.checked };
     if (form.elements.until.value) body.until = new Date(form.elements.until.value).toISOString();
-    try {
-      await api("POST", `services/${form.dataset.id}/pause`, body);
-      dialog.close();
-      toast(body.until ? `Paused until ${absoluteTime.format(new Date(body.until))}.` : "Paused until you resume it.");
-      router.refresh();
-    } catch (error) {
-      reportError(error, form);
-    }
+    await api("POST", `services/${form.dataset.id}/pause`, body);
+    dialog.close();
+    toast(body.until ? `Paused until ${absoluteTime.format(new Date(body.until))}.` : "Paused until you resume it.");
+    router.refresh();
   },
   async routes(form) {
     const contactIds = $$("[name=contactIds]:checked", form).map((box) => box.value);
-    try {
-      await api("PUT", `services/${form.dataset.id}/contacts`, { contactIds });
-      dialog.close();
-      toast("Saved.");
-      router.refresh();
-    } catch (error) {
-      reportError(error, form);
-    }
+    await api("PUT", `services/${form.dataset.id}/contacts`, { contactIds });
+    dialog.close();
+    toast("Saved.");
+    router.refresh();
   },
   async "new-contact"(form) {
-    try {
-      await api("POST", "contacts", { name: form.elements.name.value });
-      toast("Contact added. Give it a channel.");
-      router.refresh();
-    } catch (error) {
-      reportError(error, form);
-    }
+    await api("POST", "contacts", { name: form.elements.name.value });
+    toast("Contact added. Give it a channel.");
+    router.refresh();
   },
   async "rename-contact"(form) {
-    try {
-      await api("PUT", `contacts/${form.dataset.id}`, { name: form.elements.name.value });
-      dialog.close();
-      router.refresh();
-    } catch (error) {
-      reportError(error, form);
-    }
+    await api("PUT", `contacts/${form.dataset.id}`, { name: form.elements.name.value });
+    dialog.close();
+    router.refresh();
   },
   async channel(form) {
     const type = Number(form.elements.type.value);
@@ -1037,18 +1014,14 @@ const forms = {
       () => ({ url: value("url") }),
     ][type]();
     const isEnabled = form.elements.isEnabled.checked;
-    try {
-      if (form.dataset.id) {
-        await api("PUT", `contacts/${form.dataset.contact}/channels/${form.dataset.id}`, { configuration, isEnabled });
-      } else {
-        await api("POST", `contacts/${form.dataset.contact}/channels`, { type, configuration, isEnabled });
-      }
-      dialog.close();
-      toast(form.dataset.id ? "Channel saved." : "Channel added. Use Test to check it.");
-      router.refresh();
-    } catch (error) {
-      reportError(error, form);
+    if (form.dataset.id) {
+      await api("PUT", `contacts/${form.dataset.contact}/channels/${form.dataset.id}`, { configuration, isEnabled });
+    } else {
+      await api("POST", `contacts/${form.dataset.contact}/channels`, { type, configuration, isEnabled });
     }
+    dialog.close();
+    toast(form.dataset.id ? "Channel saved." : "Channel added. Use Test to check it.");
+    router.refresh();
   },
   "filter-services"(form) {
     router.go(`#/services${query({ search: form.elements.search.value.trim(), state: form.elements.state.value })}`);
